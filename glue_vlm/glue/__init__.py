@@ -1,0 +1,1 @@
+"""Everything that imports glue or Qt lives under this package."""
