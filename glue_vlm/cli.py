@@ -1,0 +1,413 @@
+"""``glue-vlm``: classify catalogs, evaluate labels, list tasks. Thin: parse, call, print.
+
+Every user error ends as one ``glue-vlm: error: ...`` line and exit status 1, before
+anything is written; the output table is written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit status 1."""
+
+
+# -- argument parsing ---------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glue-vlm", description="Zero-shot classification of astronomical images "
+        "with vision-language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("tasks", help="list the preset tasks")
+
+    cls = sub.add_parser("classify", help="classify the rows of a catalog table",
+                         description="Classify catalog rows; writes the input table plus "
+                         "<task>_label, _code, _confidence and _p_<label> columns.")
+    cls.add_argument("input", help="catalog table (FITS, ECSV, CSV, Parquet)")
+    cls.add_argument("-o", "--output", required=True, help="output table; format from "
+                     "its extension")
+    cls.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    cls.add_argument("--task", required=True, help="preset name (see 'glue-vlm tasks') "
+                     "or a task .toml file")
+
+    src = cls.add_argument_group("stamp source (one of --stamps, --image, --path-col)")
+    src.add_argument("--stamps", help="cube of stamps (.npy or FITS), N x H x W [x 3], "
+                     "row-aligned with the table")
+    src.add_argument("--image", help="a FITS image to cut stamps from")
+    src.add_argument("--ext", default=None, help="FITS extension of --image/--stamps "
+                     "(default: the first with data)")
+    src.add_argument("--x-col", help="pixel x column (0-based) for --image")
+    src.add_argument("--y-col", help="pixel y column (0-based) for --image")
+    src.add_argument("--ra-col", help="RA column (deg) for --image with a WCS")
+    src.add_argument("--dec-col", help="Dec column (deg) for --image with a WCS")
+    src.add_argument("--size", default="64", help="cutout size: pixels (64) or an angle "
+                     "(20arcsec); default 64")
+    src.add_argument("--path-col", help="column of image file paths (FITS, PNG, JPEG)")
+    src.add_argument("--stretch", default="asinh", choices=["asinh", "log", "sqrt", "linear"])
+    src.add_argument("--interval", default="percentile", choices=["percentile", "zscale"])
+
+    sel = cls.add_argument_group("row selection")
+    sel.add_argument("--rows", help="a slice START:STOP of row numbers (0-based)")
+    sel.add_argument("--select-col", help="a boolean column: classify rows where true")
+
+    eng = cls.add_argument_group("engine")
+    eng.add_argument("--backend", default="openai", help="openai (GPT-4o and any "
+                     "OpenAI-compatible server), local (transformers), or "
+                     "package.module:Class")
+    eng.add_argument("--model", help="model name or local directory")
+    eng.add_argument("--base-url", action="append", help="OpenAI-compatible server URL; "
+                     "repeat for several replicas")
+    eng.add_argument("--concurrency", type=int, help="requests in flight (openai)")
+    eng.add_argument("--detail", choices=["low", "high", "auto"], help="image detail (openai)")
+    eng.add_argument("--batch-api", action="store_true", default=None,
+                     help="use OpenAI's Batch API (half price, up to 24 h)")
+    eng.add_argument("--max-cost", type=float, help="refuse to start when the estimated "
+                     "cost in dollars is higher")
+    eng.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (local)")
+    eng.add_argument("--mode", choices=["score", "generate"], help="local: class "
+                     "probabilities in one pass (score) or free text (generate)")
+    eng.add_argument("--batch-size", type=int, help="stamps per engine call")
+    eng.add_argument("--dtype", help="local: float32, bfloat16, float16")
+    eng.add_argument("--quantization", choices=["4bit", "8bit"], help="local, CUDA only")
+    eng.add_argument("--store", help="result store file (default: $GLUE_VLM_STORE or the "
+                     "user cache)")
+
+    ev = sub.add_parser("evaluate", help="compare a label column with a truth column")
+    ev.add_argument("table", help="table with predicted and true labels")
+    ev.add_argument("--pred-col", required=True, help="predicted label column")
+    ev.add_argument("--truth-col", required=True, help="true label column")
+    ev.add_argument("--confidence-col", help="confidence column (default: the task's "
+                    "_confidence column next to --pred-col, if any)")
+    ev.add_argument("--plot", help="write the confusion matrix to this PNG")
+    return parser
+
+
+# -- tables ------------------------------------------------------------------------------
+def read_table(path: str):
+    from astropy.table import Table
+
+    if not Path(path).is_file():
+        raise UserError(f"no such table file: {path}")
+    try:
+        return Table.read(path)
+    except Exception as exc:  # astropy raises many types for unreadable files
+        raise UserError(f"cannot read table {path}: {exc}") from None
+
+
+def require_columns(table, names: list[str], what: str) -> None:
+    missing = [n for n in names if n not in table.colnames]
+    if missing:
+        raise UserError(f"{what}: column(s) {', '.join(missing)} not in the table "
+                        f"(it has: {', '.join(table.colnames[:20])})")
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UserError(f"output {path} exists: pass --overwrite to replace it")
+    if path.is_dir():
+        raise UserError(f"output {path} is a directory")
+    probe = path.parent / f".{path.name}.probe"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write output {path}: {exc.strerror}") from None
+
+
+def write_table_atomically(table, path: Path) -> None:
+    """Write to a temporary file beside ``path`` and rename it, so a failed write never
+    leaves a half-written table."""
+    import warnings
+
+    tmp = path.parent / f".{path.stem}.partial{''.join(path.suffixes)}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FITS keyword-length chatter
+            table.write(tmp, overwrite=True)
+        os.replace(tmp, path)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write output {path}: {exc}") from None
+
+
+# -- stamp source ------------------------------------------------------------------------
+def _read_array(path: str, ext):
+    if not Path(path).is_file():
+        raise UserError(f"no such file: {path}")
+    if path.endswith(".npy"):
+        return np.load(path, mmap_mode="r"), None
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    try:
+        hdul = fits.open(path, memmap=True)
+    except OSError as exc:
+        raise UserError(f"cannot read {path} as FITS or .npy: {exc}") from None
+    if ext is not None:
+        hdu = hdul[int(ext) if str(ext).isdigit() else ext]
+    else:
+        hdu = next((h for h in hdul if getattr(h, "data", None) is not None
+                    and h.data.ndim > 0), None)
+        if hdu is None:
+            raise UserError(f"{path} has no image data")
+    wcs = WCS(hdu.header)
+    return hdu.data, (wcs if wcs.has_celestial else None)
+
+
+def _parse_size(text: str):
+    from astropy import units as u
+
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        size = u.Quantity(text)
+        size.to(u.arcsec)
+    except (TypeError, ValueError, u.UnitsError):
+        raise UserError(f"--size {text!r}: give pixels (64) or an angle (20arcsec)") from None
+    return size
+
+
+def build_source(args, table):
+    from .stamps import CubeSource, ImageSource, PathSource
+
+    chosen = [name for name in ("stamps", "image", "path_col") if getattr(args, name)]
+    if len(chosen) != 1:
+        raise UserError("give exactly one stamp source: --stamps CUBE, --image FITS or "
+                        "--path-col COLUMN")
+    if args.stamps:
+        cube, _ = _read_array(args.stamps, args.ext)
+        return CubeSource(cube, n_rows=len(table))
+    if args.path_col:
+        require_columns(table, [args.path_col], "--path-col")
+        base = Path(args.input).resolve().parent
+        return PathSource([str(p) for p in table[args.path_col]], base_dir=base)
+    image, wcs = _read_array(args.image, args.ext)
+    size = _parse_size(args.size)
+    if args.ra_col or args.dec_col:
+        require_columns(table, [args.ra_col or "--ra-col", args.dec_col or "--dec-col"],
+                        "sky positions")
+        return ImageSource(image, size=size, wcs=wcs, ra=np.asarray(table[args.ra_col]),
+                           dec=np.asarray(table[args.dec_col]))
+    if args.x_col or args.y_col:
+        require_columns(table, [args.x_col or "--x-col", args.y_col or "--y-col"],
+                        "pixel positions")
+        return ImageSource(image, size=size, wcs=wcs, x=np.asarray(table[args.x_col]),
+                           y=np.asarray(table[args.y_col]))
+    raise UserError("--image needs positions: --ra-col/--dec-col or --x-col/--y-col")
+
+
+def select_rows(args, n_rows: int, table) -> np.ndarray:
+    mask = np.ones(n_rows, dtype=bool)
+    if args.rows:
+        try:
+            start, _, stop = args.rows.partition(":")
+            window = slice(int(start) if start else None, int(stop) if stop else None)
+        except ValueError:
+            raise UserError(f"--rows {args.rows!r}: use START:STOP, e.g. 0:1000") from None
+        keep = np.zeros(n_rows, dtype=bool)
+        keep[window] = True
+        mask &= keep
+    if args.select_col:
+        require_columns(table, [args.select_col], "--select-col")
+        column = np.asarray(table[args.select_col])
+        if column.dtype != bool:
+            raise UserError(f"--select-col {args.select_col}: column must be boolean, "
+                            f"is {column.dtype}")
+        mask &= column
+    rows = np.flatnonzero(mask)
+    if rows.size == 0:
+        raise UserError("the row selection is empty: nothing to classify")
+    return rows
+
+
+# -- progress ---------------------------------------------------------------------------
+class ProgressLine:
+    """A progress bar on stderr: redrawn in place on a terminal, a line every few
+    seconds in a log."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self._tty = stream.isatty()
+        self.interval = 0.25 if self._tty else 10.0  # a log file gets a line now and then
+        self._last = 0.0
+
+    def __call__(self, progress, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._last < self.interval:
+            return
+        self._last = now
+        width = 24
+        filled = int(width * progress.done / max(progress.total, 1))
+        eta = progress.eta
+        eta_text = "?" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {progress.done}/{progress.total}"
+                f"  cached {progress.cached}  failed {progress.failed}"
+                f"  {progress.rate:.1f}/s  ETA {eta_text}")
+        self.stream.write(("\r" + line + ("\n" if final else "")) if self._tty else line + "\n")
+        self.stream.flush()
+
+
+# -- commands ---------------------------------------------------------------------------
+def cmd_tasks(args) -> int:
+    from .tasks import PRESETS
+
+    for task in PRESETS.values():
+        print(f"{task.slug:22s} {task.title}")
+        print(f"{'':22s} labels: {', '.join(task.label_names)}")
+    return 0
+
+
+def _engine_options(args) -> dict:
+    return {"model": args.model, "base_url": args.base_url, "concurrency": args.concurrency,
+            "detail": args.detail, "batch_api": args.batch_api, "device": args.device,
+            "mode": args.mode, "batch_size": args.batch_size, "dtype": args.dtype,
+            "quantization": args.quantization}
+
+
+def cmd_classify(args) -> int:
+    from .backends.base import create_backend
+    from .columns import column_names, empty_columns, fill_columns
+    from .run import classify
+    from .stamps import StampSettings
+    from .store import ResultStore
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    output = Path(args.output)
+    check_writable(output, args.overwrite)
+    table = read_table(args.input)
+    source = build_source(args, table)
+    rows = select_rows(args, len(table), table)
+    store = ResultStore(args.store)
+    backend = create_backend(args.backend, **_engine_options(args))
+    estimate = backend.estimate_cost(len(rows), task)
+    print(f"glue-vlm: {task.slug} on {len(rows)} rows with {backend.name} "
+          f"{backend.model}: {estimate.describe()}", file=sys.stderr)
+    if args.max_cost is not None and (estimate.dollars or 0.0) > args.max_cost:
+        raise UserError(f"estimated cost ${estimate.dollars:,.2f} is above --max-cost "
+                        f"${args.max_cost:,.2f}: select fewer rows or raise the limit")
+
+    cancel = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum, frame):
+        if cancel.is_set():  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        cancel.set()
+        print("\nglue-vlm: stopping after the current batch (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    bar = ProgressLine()
+    settings = StampSettings(stretch=args.stretch, interval=args.interval)
+    try:
+        with backend, store:
+            result = classify(source, rows, task, backend, store=store,
+                              stamp_settings=settings, progress=bar, cancel=cancel)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    bar(result.progress, final=True)
+
+    names = column_names(task)
+    if all(name in table.colnames for name in names):  # a rerun: update in place
+        columns = {name: np.array(table[name]) for name in names}
+        columns[names[0]] = columns[names[0]].astype(empty_columns(task, 0)[names[0]].dtype)
+    else:
+        columns = empty_columns(task, len(table))
+    fill_columns(columns, result)
+    for name, values in columns.items():
+        table[name] = values
+    table.meta["glue_vlm"] = provenance(task, backend, store, result)
+    write_table_atomically(table, output)
+    summarize(result, output)
+    return 130 if result.cancelled else 0
+
+
+def provenance(task, backend, store, result) -> dict:
+    """What produced the columns; never a secret."""
+    return {"task": task.slug, "prompt": task.render_prompt(), "labels": task.label_names,
+            "backend": backend.name, "model": backend.model,
+            "settings": {k: str(v) for k, v in backend.settings().items()},
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "store": str(store.path), "rows_classified": int((result.codes >= 0).sum()),
+            "rows_failed": len(result.errors), "complete": not result.cancelled}
+
+
+def summarize(result, output: Path) -> None:
+    counts = np.bincount(result.codes[result.codes >= 0], minlength=len(result.task.labels))
+    parts = [f"{name} {count}" for name, count in zip(result.task.label_names, counts)]
+    print(f"glue-vlm: wrote {output}: {', '.join(parts)}; failed {len(result.errors)}",
+          file=sys.stderr)
+    reasons: dict[str, int] = {}
+    for reason in result.errors.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in sorted(reasons.items(), key=lambda item: -item[1])[:5]:
+        print(f"  {count} x {reason}", file=sys.stderr)
+    if result.cancelled:
+        print("glue-vlm: interrupted; run the same command again to finish the rest "
+              "(answers so far are stored)", file=sys.stderr)
+    elif result.errors:
+        print("glue-vlm: run the same command again to retry the failed rows",
+              file=sys.stderr)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, plot_confusion
+
+    table = read_table(args.table)
+    require_columns(table, [args.pred_col, args.truth_col], "evaluate")
+    confidence = None
+    conf_col = args.confidence_col
+    if conf_col is None and args.pred_col.endswith("_label"):
+        guess = args.pred_col[: -len("_label")] + "_confidence"
+        conf_col = guess if guess in table.colnames else None
+    if conf_col is not None:
+        require_columns(table, [conf_col], "--confidence-col")
+        confidence = np.asarray(table[conf_col], dtype=float)
+    truth = [str(v) for v in table[args.truth_col]]
+    predicted = [str(v) for v in table[args.pred_col]]
+    report = evaluate(truth, predicted, confidence=confidence)
+    print(report.format())
+    if args.plot:
+        plot_confusion(report, args.plot, title=f"{args.pred_col} vs {args.truth_col}")
+        print(f"confusion matrix written to {args.plot}")
+    return 0
+
+
+COMMANDS = {"tasks": cmd_tasks, "classify": cmd_classify, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .backends.base import BackendError
+    from .stamps import StampError
+    from .store import StoreError
+    from .tasks import TaskError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (UserError, TaskError, StampError, StoreError, BackendError) as exc:
+        print(f"glue-vlm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("glue-vlm: aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
