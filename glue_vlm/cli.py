@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -281,7 +280,7 @@ def _engine_options(args) -> dict:
 
 def cmd_classify(args) -> int:
     from .backends.base import create_backend
-    from .columns import column_names, empty_columns, fill_columns
+    from .columns import column_names, empty_columns, fill_columns, provenance
     from .run import classify
     from .stamps import StampSettings
     from .store import ResultStore
@@ -336,16 +335,6 @@ def cmd_classify(args) -> int:
     write_table_atomically(table, output)
     summarize(result, output)
     return 130 if result.cancelled else 0
-
-
-def provenance(task, backend, store, result) -> dict:
-    """What produced the columns; never a secret."""
-    return {"task": task.slug, "prompt": task.render_prompt(), "labels": task.label_names,
-            "backend": backend.name, "model": backend.model,
-            "settings": {k: str(v) for k, v in backend.settings().items()},
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "store": str(store.path), "rows_classified": int((result.codes >= 0).sum()),
-            "rows_failed": len(result.errors), "complete": not result.cancelled}
 
 
 def summarize(result, output: Path) -> None:

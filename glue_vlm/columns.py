@@ -7,6 +7,8 @@ unknown) and ``t_p_<label>`` (float per label, NaN when unknown).
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import numpy as np
 
 from .run import RunResult
@@ -15,7 +17,7 @@ from .tasks import Task, column_safe
 UNCLASSIFIED = "unclassified"
 
 __all__ = ["UNCLASSIFIED", "column_names", "empty_columns", "fill_columns",
-           "probability_column"]
+           "probability_column", "provenance"]
 
 
 def probability_column(task: Task, label: str) -> str:
@@ -62,3 +64,13 @@ def fill_columns(columns: dict[str, np.ndarray], result: RunResult,
     columns[f"{prefix}_confidence"][rows] = result.confidence[positions]
     for i, name in enumerate(task.label_names):
         columns[probability_column(task, name)][rows] = result.probabilities[positions, i]
+
+
+def provenance(task, backend, store, result) -> dict:
+    """What produced the columns; never a secret."""
+    return {"task": task.slug, "prompt": task.render_prompt(), "labels": task.label_names,
+            "backend": backend.name, "model": backend.model,
+            "settings": {k: str(v) for k, v in backend.settings().items()},
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "store": str(store.path), "rows_classified": int((result.codes >= 0).sum()),
+            "rows_failed": len(result.errors), "complete": not result.cancelled}
