@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tasks", help="list the preset tasks")
 
+    demo = sub.add_parser("demo", help="the Hubble Deep Field demo catalog",
+                          description="Detect sources in the Hubble Deep Field image "
+                          "that ships with scikit-image and write them with their stamps.")
+    demo.add_argument("--no-gui", action="store_true", help="write files, open no window")
+    demo.add_argument("-o", "--output", default="demo.ecsv", help="catalog to write; the "
+                      "stamps go beside it as <name>_stamps.npy (default demo.ecsv)")
+
     cls = sub.add_parser("classify", help="classify the rows of a catalog table",
                          description="Classify catalog rows; writes the input table plus "
                          "<task>_label, _code, _confidence and _p_<label> columns.")
@@ -271,6 +278,20 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import write_demo
+
+    if not args.no_gui:
+        raise UserError("the Glue demo window is not available yet: use --no-gui")
+    output = Path(args.output)
+    check_writable(output, overwrite=True)
+    catalog, stamps = write_demo(output)
+    print(f"glue-vlm: wrote {catalog} and {stamps}; classify with:\n"
+          f"  glue-vlm classify {catalog} --stamps {stamps} --task galaxy-morphology "
+          f"--backend openai -o classified.ecsv")
+    return 0
+
+
 def _engine_options(args) -> dict:
     return {"model": args.model, "base_url": args.base_url, "concurrency": args.concurrency,
             "detail": args.detail, "batch_api": args.batch_api, "device": args.device,
@@ -368,9 +389,13 @@ def cmd_evaluate(args) -> int:
     if conf_col is not None:
         require_columns(table, [conf_col], "--confidence-col")
         confidence = np.asarray(table[conf_col], dtype=float)
-    truth = [str(v) for v in table[args.truth_col]]
-    predicted = [str(v) for v in table[args.pred_col]]
-    report = evaluate(truth, predicted, confidence=confidence)
+    labels = table.meta.get("glue_vlm", {}).get("labels")  # class codes map to these
+    try:
+        report = evaluate(table[args.truth_col], table[args.pred_col], labels=labels,
+                          confidence=confidence)
+    except ValueError as exc:
+        raise UserError(f"cannot evaluate {args.pred_col} against {args.truth_col}: "
+                        f"{exc}") from None
     print(report.format())
     if args.plot:
         plot_confusion(report, args.plot, title=f"{args.pred_col} vs {args.truth_col}")
@@ -378,7 +403,8 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"tasks": cmd_tasks, "classify": cmd_classify, "evaluate": cmd_evaluate}
+COMMANDS = {"tasks": cmd_tasks, "demo": cmd_demo, "classify": cmd_classify,
+            "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -396,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("glue-vlm: aborted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
