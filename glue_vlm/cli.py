@@ -314,6 +314,8 @@ def cmd_classify(args) -> int:
     source = build_source(args, table)
     rows = select_rows(args, len(table), table)
     store = ResultStore(args.store)
+    if store.notice:
+        print(f"glue-vlm: warning: {store.notice}", file=sys.stderr)
     backend = create_backend(args.backend, **_engine_options(args))
     estimate = backend.estimate_cost(len(rows), task)
     print(f"glue-vlm: {task.slug} on {len(rows)} rows with {backend.name} "

@@ -81,18 +81,53 @@ class ResultStore:
 
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path).expanduser() if path is not None else default_store_path()
+        #: set when a damaged store file was moved aside: what happened, for the user
+        self.notice: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO store_info VALUES ('schema', ?)",
-                             (str(SCHEMA_VERSION),))
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open the result store {self.path}: {exc}; "
-                             "pass another path (--store) or free the disk") from None
+            self._db = self._connect()
+        except sqlite3.DatabaseError as exc:
+            if not self._is_damage(exc):
+                raise StoreError(f"cannot open the result store {self.path}: {exc}; pass "
+                                 "another path (--store) or free the disk") from None
+            aside = self._set_aside()
+            self.notice = (f"the result store {self.path} was damaged ({exc}); it was "
+                           f"moved to {aside.name} and a new store was started")
+            self._db = self._connect()
+        except OSError as exc:
+            raise StoreError(f"cannot open the result store {self.path}: {exc}; pass "
+                             "another path (--store)") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            problems = db.execute("PRAGMA quick_check").fetchall()
+            if problems != [("ok",)]:
+                raise sqlite3.DatabaseError("integrity check failed: "
+                                            + "; ".join(str(p[0]) for p in problems[:3]))
+            db.execute("INSERT OR IGNORE INTO store_info VALUES ('schema', ?)",
+                       (str(SCHEMA_VERSION),))
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @staticmethod
+    def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+        text = str(exc).lower()
+        return any(word in text for word in ("not a database", "malformed",
+                                             "integrity check", "corrupt"))
+
+    def _set_aside(self) -> Path:
+        aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+        os.replace(self.path, aside)
+        for suffix in ("-wal", "-shm"):
+            Path(str(self.path) + suffix).unlink(missing_ok=True)
+        return aside
 
     # -- reading --------------------------------------------------------------------
     def get_many(self, keys: Sequence[str]) -> dict[str, Prediction]:

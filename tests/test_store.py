@@ -88,3 +88,29 @@ def test_unusable_path_gives_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StoreError, match="cannot open the result store"):
         ResultStore(blocker / "sub" / "r.sqlite")
+
+
+def test_damaged_store_is_set_aside_with_a_notice_not_reused(tmp_path):
+    path = tmp_path / "r.sqlite"
+    with ResultStore(path) as store:
+        store.put_many([(f"k{i}", Prediction("a", raw_text="x" * 500)) for i in range(200)],
+                       TASK, CountingBackend())
+        assert store.notice is None
+    data = bytearray(path.read_bytes())
+    for page in range(2, 12):  # scribble over b-tree page headers
+        data[page * 4096: page * 4096 + 64] = b"\xa5" * 64
+    path.write_bytes(bytes(data))
+    with ResultStore(path) as store:
+        assert store.notice and "damaged" in store.notice
+        assert len(store) == 0  # a fresh store, not the damaged one
+    aside = list(tmp_path.glob("r.sqlite.damaged-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == bytes(data)
+
+
+def test_a_file_that_is_not_a_store_is_set_aside(tmp_path):
+    path = tmp_path / "r.sqlite"
+    path.write_text("these are my notes, not a database" * 100)
+    with ResultStore(path) as store:
+        assert "damaged" in store.notice
+        store.put_many([("k", Prediction("a"))], TASK, CountingBackend())
+    assert list(tmp_path.glob("r.sqlite.damaged-*"))
