@@ -11,8 +11,8 @@ Three sources of raw cutouts, each aligned with the catalog's rows:
 
 ``prepare_stamp`` turns one raw cutout into display-ready pixels with
 ``astropy.visualization`` (uint8 input is already display-ready and passes through);
-``iter_stamps`` streams ``Stamp`` objects in row order, preparing chunks ahead in a
-small thread pool so that a run never waits for its stamps.
+``iter_stamps`` streams ``Stamp`` objects in row order, preparing chunks ahead in
+background threads so that a run never waits for its stamps.
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ class ImageSource(StampSource):
     2-D arrays, red first), or anything with ``.data`` and ``.wcs``/``.header``
     (NDData, CCDData, a FITS HDU). ``size``: pixels (int, or (ny, nx)), or an angle
     (astropy Quantity; needs a WCS). Positions: ``x``/``y`` pixel arrays (0-based) or
-    ``ra``/``dec`` (degrees or Quantity; need a WCS), one per catalog row. A cutout
+    ``ra``/``dec`` (degrees or Quantity; need a WCS), one per catalog row; a missing
+    (masked or NaN) position is an error for its row. A cutout
     running off the edge is padded with the median of its on-image pixels and flagged
     ``edge-padded``; one with no overlap is an error for its row.
     """
@@ -215,7 +216,7 @@ class ImageSource(StampSource):
 
         cx, cy = float(self._x[row]), float(self._y[row])
         if not (np.isfinite(cx) and np.isfinite(cy)):
-            raise StampError(f"position {self._where(row)} has no pixel position on this image")
+            raise StampError(f"no usable position for this row ({self._where(row)})")
         try:
             big, small = overlap_slices(self.image_shape, self.size, (cy, cx), mode="partial")
         except NoOverlapError:
@@ -293,23 +294,23 @@ def read_image_file(path, ext=None) -> np.ndarray:
 
 
 def _fits_data(path, ext, *, memmap: bool, with_header: bool = False):
-    """Data (and header) of a FITS HDU: ``ext`` or the first HDU with data."""
+    """Data (and header) of a FITS HDU: ``ext`` or the first image HDU with data."""
     from astropy.io import fits
 
     try:
         with fits.open(path, memmap=memmap, lazy_load_hdus=True) as hdus:
             if ext is None:
-                hdu = next((h for h in hdus if h.data is not None), None)
+                hdu = next((h for h in hdus if h.is_image and h.data is not None), None)
                 if hdu is None:
                     raise StampError(f"no image data in any HDU of {path}")
             else:
                 hdu = hdus[ext]
             data, header = hdu.data, hdu.header.copy()
+    except StampError:
+        raise
     except FileNotFoundError:
         raise StampError(f"file not found: {path}") from None
     except (OSError, KeyError, IndexError, TypeError, ValueError) as exc:
-        if isinstance(exc, StampError):
-            raise
         raise StampError(f"cannot read FITS file {path}: {exc}") from None
     if data is None:
         raise StampError(f"HDU {ext} of {path} holds no image data")
@@ -391,8 +392,9 @@ def _degrees(value) -> np.ndarray:
 
 
 def _paired_arrays(name_a, a, name_b, b) -> tuple[np.ndarray, np.ndarray]:
-    a = np.atleast_1d(np.asarray(a, dtype=float))
-    b = np.atleast_1d(np.asarray(b, dtype=float))
+    """Two equal-length float arrays; masked entries (missing positions) become NaN."""
+    a = np.atleast_1d(np.ma.filled(np.ma.asarray(a, dtype=float), np.nan))
+    b = np.atleast_1d(np.ma.filled(np.ma.asarray(b, dtype=float), np.nan))
     if a.ndim != 1 or a.shape != b.shape:
         raise StampError(f"{name_a} has {a.size} values and {name_b} has {b.size}: give one "
                          f"{name_a} and one {name_b} per catalog row")
@@ -599,36 +601,44 @@ def _prepare_chunk(source, start: int, rows: np.ndarray, settings) -> list[Stamp
 
 
 def default_workers() -> int:
-    """Threads for stamp preparation: two (measured best on 2 cores, see BENCHMARKS.md),
-    one on a single core."""
-    return min(2, os.cpu_count() or 1)
+    """Background threads for stamp preparation. One: it overlaps preparation with the
+    engine's work; a second thread only adds GIL contention (measured in
+    BENCHMARKS.md, "Stamps"), and one thread already outruns every engine."""
+    return 1
+
+
+def look_ahead_chunks(workers: int) -> int:
+    """Chunks prepared ahead of the consumer: enough to cover an engine call."""
+    return max(4, 2 * workers)
 
 
 def iter_stamps(source: StampSource, rows: Sequence[int], settings: StampSettings, *,
                 workers: int | None = None) -> Iterator[Stamp]:
     """Stamps for catalog ``rows`` of ``source``, in order (``Stamp.index`` is the
-    position in ``rows``). Streams: with ``workers`` > 1, at most ``2 * workers`` chunks
-    of ``CHUNK_ROWS`` are prepared ahead in threads. A row without a stamp comes back
-    with ``error`` set; iteration goes on. Raises ``StampError`` up front for rows
-    outside the source."""
+    position in ``rows``). Streams: ``workers`` background threads (default
+    ``default_workers()``; 0 prepares in the caller's thread) prepare at most
+    ``look_ahead_chunks(workers)`` chunks of ``CHUNK_ROWS`` ahead, so preparation
+    overlaps the engine's work. A row without a stamp comes back with ``error`` set;
+    iteration goes on. Raises ``StampError`` up front for rows outside the source."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     if rows.size and (rows.min() < 0 or rows.max() >= source.n_rows):
         bad = rows[(rows < 0) | (rows >= source.n_rows)][0]
         raise StampError(f"row {bad} is outside the stamp source, which has "
                          f"{source.n_rows} rows (0..{source.n_rows - 1})")
-    workers = default_workers() if workers is None else max(1, int(workers))
+    workers = default_workers() if workers is None else max(0, int(workers))
     chunks = ((start, rows[start:start + CHUNK_ROWS])
               for start in range(0, len(rows), CHUNK_ROWS))
-    if workers == 1:
+    if workers == 0:
         for start, part in chunks:
             yield from _prepare_chunk(source, start, part, settings)
         return
+    ahead = look_ahead_chunks(workers)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="glue-vlm-stamps")
     pending: deque = deque()
     try:
         for start, part in chunks:
             pending.append(pool.submit(_prepare_chunk, source, start, part, settings))
-            if len(pending) >= 2 * workers:
+            if len(pending) >= ahead:
                 yield from pending.popleft().result()
         while pending:
             yield from pending.popleft().result()
