@@ -179,10 +179,16 @@ class Task:
 
 
 def _toml_string(text: str) -> str:
+    """A TOML basic string for ``text``: multi-line when it has line breaks, with every
+    other control character escaped (TOML forbids them raw)."""
+    def escape_controls(value: str) -> str:
+        return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", lambda m: f"\\u{ord(m.group()):04x}",
+                      value)
+
     if "\n" in text:
         escaped = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
-        return f'"""\n{escaped}"""'
-    return json.dumps(text, ensure_ascii=False)
+        return f'"""\n{escape_controls(escaped)}"""'
+    return escape_controls(json.dumps(text, ensure_ascii=False))
 
 
 def save_task(task: Task, path: str | Path) -> None:
@@ -286,18 +292,31 @@ _PRESET_LIST = [
         slug="paper-lsbg",
         title="LSBG vs artifact, as published (Tanoglidis & Jain 2024)",
         option_style="number",
-        reference=PAPER_REFERENCE + "; prompt quoted from the paper's notebook, "
-                                    "[...] marks text not recovered",
+        reference=PAPER_REFERENCE + "; prompt verbatim from the authors' notebook "
+                                    "Zero_shot_LLaVa.ipynb (github.com/dtanoglidis/"
+                                    "zero-shot-astro)",
         prompt=(
             "You are tasked to classify astronomical images. Each image belongs to one "
-            "of two categories: Low Surface Brightness Galaxies (LSBG, Category 1) or "
-            "non-LSBG (Category 0). Note that category 0 may also include parts or "
-            "off-centered LSBGs. [...] Category 1, LSBG: The image is dominated by a "
-            "well-centered, circular or elliptical, diffuse galaxy-like light source. "
-            "There may be some smaller, more compact light sources nearby. Category 0: "
-            "[...] all the images that do not fit into the category 1 definiton. "
-            "Examples may include: off-centered bright galaxies, diffuse light, bright "
-            "stars, light reflections. To what category does the image belong?"),
+            "of two categories:\n"
+            "\n"
+            "Low Surface Brightness Galaxies (LSBG, Category 1) or non-LSBG (Category "
+            "0).\n"
+            "Note that category 0 may also include parts or off-centered LSBGs.\n"
+            "\n"
+            "Here are some characteristics of the two categories:\n"
+            "\n"
+            "Category 1, LSBG: The image is dominated by a well-centered,\n"
+            "circular or elliptical, diffuse galaxy-like light source. There may be "
+            "some\n"
+            "smaller, more compact light sources nearby.\n"
+            "\n"
+            "Category 0: In this category belong all the images that do not fit into "
+            "the\n"
+            "category 1 definiton. Examples may include: off-centered bright galaxies, "
+            "diffuse light,\n"
+            "bright stars, light reflections.\n"
+            "\n"
+            "To what category does the image belong?"),
         labels=(Label("artifact", "Category 0: non-LSBG"),
                 Label("lsbg", "Category 1: low-surface-brightness galaxy")),
     ),
@@ -305,21 +324,30 @@ _PRESET_LIST = [
         slug="paper-morphology",
         title="GalaxyMNIST morphology, as published (Tanoglidis & Jain 2024)",
         option_style="number",
-        reference=PAPER_REFERENCE + "; prompt quoted from the paper's notebook, "
-                                    "[...] marks text not recovered",
+        reference=PAPER_REFERENCE + "; prompt verbatim from the authors' notebook "
+                                    "Zero_shot_LLaVa.ipynb (github.com/dtanoglidis/"
+                                    "zero-shot-astro)",
         prompt=(
             "You are tasked to classify images depicting galaxies, into four "
-            "morphological categories: Category 0: smooth and round galaxy. Should not "
-            "have signs of spires. Category 1: smooth and cigar-shaped galaxy, looks "
-            "like being seen edge on. This should not have signs of spires of a spiral "
-            "galaxy. Category 2: edge-on-disk/spiral galaxy. This disk galaxy should "
-            "have signs of spires, as seen from an edge-on perspective. Category 3: "
-            "unbarred spiral galaxy. Has signs of a disk and/or spires. Note that "
-            "categories 1 and 2 tend to be very similar to each other. To categorize "
-            "them, ask yourself [...] Is this galaxy very smooth, maybe with a small "
-            "bulge? Then it belongs to category 1. Does it have irregularities/signs of "
-            "structure? Then it belongs to category 2. To which category does the "
-            "image belong?"),
+            "morphological categories:\n"
+            "\n"
+            "Category 0: smooth and round galaxy. Should not have signs of spires.\n"
+            "\n"
+            "Category 1: smooth and cigar-shaped galaxy, looks like being seen edge "
+            "on. This should not have signs of spires of a spiral galaxy\n"
+            "\n"
+            "Category 2: edge-on-disk/spiral galaxy. This disk galaxy should have "
+            "signs of spires, as seen from an edge-on perspective\n"
+            "\n"
+            "Category 3:  unbarred spiral galaxy. Has signs of a disk and/or spires\n"
+            "\n"
+            "Note that categories 1 and 2 tend to be very similar to each other.\n"
+            "To categorize them, ask yourself the following question: Is this galaxy "
+            "very smooth, maybe with a small bulge? Then it\n"
+            "belongs to category 1. Does it have irregularities/signs of structure? "
+            "Then it belongs to category 2.\n"
+            "\n"
+            "To which category does the image belong?"),
         labels=(Label("smooth_round", "Category 0"), Label("smooth_cigar", "Category 1"),
                 Label("edge_on_disk", "Category 2"),
                 Label("unbarred_spiral", "Category 3")),
