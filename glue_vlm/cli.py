@@ -69,27 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--rows", help="a slice START:STOP of row numbers (0-based)")
     sel.add_argument("--select-col", help="a boolean column: classify rows where true")
 
-    eng = cls.add_argument_group("engine")
-    eng.add_argument("--backend", default="openai", help="openai (GPT-4o and any "
-                     "OpenAI-compatible server), local (transformers), or "
-                     "package.module:Class")
-    eng.add_argument("--model", help="model name or local directory")
-    eng.add_argument("--base-url", action="append", help="OpenAI-compatible server URL; "
-                     "repeat for several replicas")
-    eng.add_argument("--concurrency", type=int, help="requests in flight (openai)")
-    eng.add_argument("--detail", choices=["low", "high", "auto"], help="image detail (openai)")
-    eng.add_argument("--batch-api", action="store_true", default=None,
-                     help="use OpenAI's Batch API (half price, up to 24 h)")
-    eng.add_argument("--max-cost", type=float, help="refuse to start when the estimated "
-                     "cost in dollars is higher")
-    eng.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (local)")
-    eng.add_argument("--mode", choices=["score", "generate"], help="local: class "
-                     "probabilities in one pass (score) or free text (generate)")
-    eng.add_argument("--batch-size", type=int, help="stamps per engine call")
-    eng.add_argument("--dtype", help="local: float32, bfloat16, float16")
-    eng.add_argument("--quantization", choices=["4bit", "8bit"], help="local, CUDA only")
-    eng.add_argument("--store", help="result store file (default: $GLUE_VLM_STORE or the "
-                     "user cache)")
+    add_engine_arguments(cls.add_argument_group("engine"), with_mode=True)
 
     ev = sub.add_parser("evaluate", help="compare a label column with a truth column")
     ev.add_argument("table", help="table with predicted and true labels")
@@ -98,7 +78,57 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--confidence-col", help="confidence column (default: the task's "
                     "_confidence column next to --pred-col, if any)")
     ev.add_argument("--plot", help="write the confusion matrix to this PNG")
+
+    rep = sub.add_parser("reproduce", help="rerun the Tanoglidis & Jain (2024) study",
+                         description="Classify the study's first 500 images in its order "
+                         "with its published prompt (paper mode) and with this tool's "
+                         "(improved mode); print the study's numbers beside the new ones "
+                         "and write confusion matrices as PNG.")
+    rep.add_argument("study", choices=["lsbg", "morphology"], help="which of the two tasks")
+    rep.add_argument("--data", required=True, help="lsbg: folder with X_data_1..5.npy and "
+                     "y_labels.npy (github.com/dtanoglidis/UPenn_DS_Hangout); morphology: "
+                     "GalaxyMNIST's train_dataset.hdf5 or its folder")
+    rep.add_argument("--modes", default="paper,improved", help="paper, improved or both "
+                     "(default paper,improved)")
+    rep.add_argument("--n", type=int, default=500, help="images, from the first "
+                     "(default 500, as in the study)")
+    rep.add_argument("--out", help="folder for the PNGs and the per-image predictions "
+                     "(default reproduce-STUDY)")
+    add_engine_arguments(rep.add_argument_group(
+        "engine (as for classify; the mode picks how it answers)"), with_mode=False)
+    rep.add_argument("--max-new-tokens", type=int, help="local paper mode: longest answer "
+                     "in tokens (default 200, as in the study)")
+    rep.set_defaults(mode=None)  # each protocol mode sets its own
     return parser
+
+
+def add_engine_arguments(group, with_mode: bool) -> None:
+    group.add_argument("--backend", default="openai", help="openai (GPT-4o and any "
+                       "OpenAI-compatible server), local (transformers), or "
+                       "package.module:Class")
+    group.add_argument("--model", help="model name or local directory")
+    group.add_argument("--base-url", action="append", help="OpenAI-compatible server URL; "
+                       "repeat for several replicas")
+    group.add_argument("--concurrency", type=int, help="requests in flight (openai)")
+    group.add_argument("--detail", choices=["low", "high", "auto"],
+                       help="image detail (openai)")
+    group.add_argument("--batch-api", action="store_true", default=None,
+                       help="use OpenAI's Batch API (half price, up to 24 h)")
+    group.add_argument("--max-cost", type=float, help="refuse to start when the estimated "
+                       "cost in dollars is higher")
+    group.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (local)")
+    if with_mode:
+        group.add_argument("--mode", choices=["score", "generate"], help="local: class "
+                           "probabilities in one pass (score) or free text (generate)")
+        group.add_argument("--max-new-tokens", type=int, help="local generate mode: "
+                           "longest answer in tokens")
+    group.add_argument("--batch-size", type=int, help="stamps per engine call")
+    group.add_argument("--dtype", help="local: float32, bfloat16, float16")
+    group.add_argument("--quantization", choices=["4bit", "8bit"], help="local, CUDA only")
+    group.add_argument("--trust-remote-code", action="store_true", default=None,
+                       help="local: run code shipped with the model (off unless given)")
+    group.add_argument("--store", help="result store file (default: $GLUE_VLM_STORE or "
+                       "the user cache)")
 
 
 # -- tables ------------------------------------------------------------------------------
@@ -246,9 +276,9 @@ class ProgressLine:
     """A progress bar on stderr: redrawn in place on a terminal, a line every few
     seconds in a log."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self._tty = stream.isatty()
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self._tty = self.stream.isatty()
         self.interval = 0.25 if self._tty else 10.0  # a log file gets a line now and then
         self._last = 0.0
 
@@ -296,7 +326,8 @@ def _engine_options(args) -> dict:
     return {"model": args.model, "base_url": args.base_url, "concurrency": args.concurrency,
             "detail": args.detail, "batch_api": args.batch_api, "device": args.device,
             "mode": args.mode, "batch_size": args.batch_size, "dtype": args.dtype,
-            "quantization": args.quantization}
+            "quantization": args.quantization, "trust_remote_code": args.trust_remote_code,
+            "max_new_tokens": args.max_new_tokens}
 
 
 def cmd_classify(args) -> int:
@@ -405,8 +436,25 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from .reproduce import PAPER_MAX_NEW_TOKENS, ReproduceError, format_report, reproduce
+
+    options = _engine_options(args)
+    options.pop("max_new_tokens")  # only the paper mode's local engine takes it
+    try:
+        report = reproduce(args.study, args.data, backend=args.backend, options=options,
+                           modes=args.modes.split(","), n=args.n, out=args.out,
+                           store=args.store, max_cost=args.max_cost,
+                           max_new_tokens=args.max_new_tokens or PAPER_MAX_NEW_TOKENS,
+                           progress=ProgressLine)
+    except ReproduceError as exc:
+        raise UserError(str(exc)) from None
+    print(format_report(report))
+    return 0
+
+
 COMMANDS = {"tasks": cmd_tasks, "demo": cmd_demo, "classify": cmd_classify,
-            "evaluate": cmd_evaluate}
+            "evaluate": cmd_evaluate, "reproduce": cmd_reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:
