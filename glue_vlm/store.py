@@ -44,6 +44,11 @@ CREATE TABLE IF NOT EXISTS results (
     updated REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS store_info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS open_batches (
+    request TEXT PRIMARY KEY,
+    batch_id TEXT NOT NULL,
+    created REAL NOT NULL
+);
 """
 
 
@@ -179,6 +184,39 @@ class ResultStore:
             raise StoreError(f"cannot write to the result store {self.path}: {exc}; "
                              "answers of this batch were not kept: free the disk or "
                              "pass another path (--store) and run again") from None
+
+    # -- open Batch API jobs (so a rerun collects a job instead of paying twice) ------
+    def open_batches(self, requests: Sequence[str]) -> dict[str, str]:
+        """The open batch job id of each request id that is in one."""
+        found: dict[str, str] = {}
+        for start in range(0, len(requests), _LOOKUP_CHUNK):
+            chunk = list(requests[start:start + _LOOKUP_CHUNK])
+            marks = ",".join("?" * len(chunk))
+            try:
+                found.update(self._db.execute(
+                    f"SELECT request, batch_id FROM open_batches WHERE request IN ({marks})",
+                    chunk).fetchall())
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read the result store {self.path}: {exc}") from None
+        return found
+
+    def add_batch(self, batch_id: str, requests: Iterable[str]) -> None:
+        """Remember that ``requests`` were submitted in job ``batch_id``."""
+        now = time.time()
+        try:
+            with self._transaction():
+                self._db.executemany("INSERT OR REPLACE INTO open_batches VALUES (?,?,?)",
+                                     [(request, batch_id, now) for request in requests])
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write to the result store {self.path}: {exc}") from None
+
+    def forget_batch(self, batch_id: str) -> None:
+        """Job ``batch_id`` is over (its answers are collected or it failed)."""
+        try:
+            with self._transaction():
+                self._db.execute("DELETE FROM open_batches WHERE batch_id = ?", (batch_id,))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write to the result store {self.path}: {exc}") from None
 
     @contextmanager
     def _transaction(self):
