@@ -137,6 +137,8 @@ def classify(source: StampSource, rows: Sequence[int], task: Task, backend: Back
     context = run_context(task, backend)
     settings = stamp_settings_for(backend, stamp_settings)
     batch_size = max(1, int(backend.batch_size))
+    if store is not None:
+        backend.attach_store(store)
     start = time.perf_counter()
 
     def report(positions: list[int], predictions: list[Prediction], origin: str) -> None:
@@ -161,9 +163,25 @@ def classify(source: StampSource, rows: Sequence[int], task: Task, backend: Back
     def cancelled() -> bool:
         return cancel is not None and cancel.is_set()
 
-    # Look-ahead: the lookup chunk spans a few engine batches so cached rows are
-    # found in bulk and engine batches stay full.
-    for chunk in _chunks(iter_stamps(source, rows, settings), batch_size * 4):
+    keys: dict[int, str] = {}  # position -> store key, for rows waiting for the engine
+
+    def ask(batch: list[Stamp]) -> None:
+        predictions = backend.predict(batch, task)
+        if len(predictions) != len(batch):
+            raise RuntimeError(f"{type(backend).__name__}.predict returned "
+                               f"{len(predictions)} predictions for {len(batch)} stamps")
+        if store is not None:
+            store.put_many([(keys[st.index], p) for st, p in zip(batch, predictions)],
+                           task, backend)
+        for st in batch:
+            del keys[st.index]
+        report([st.index for st in batch], predictions, "engine")
+
+    # Stamps are looked up a batch at a time while the stamp thread prepares the next;
+    # rows the store cannot answer queue until they fill an engine batch.
+    waiting: list[Stamp] = []
+    stamps = iter_stamps(source, rows, settings, look_ahead=batch_size)
+    for chunk in _chunks(stamps, batch_size):
         if cancelled():
             break
         bad = [st for st in chunk if st.pixels is None]
@@ -171,27 +189,23 @@ def classify(source: StampSource, rows: Sequence[int], task: Task, backend: Back
             report([st.index for st in bad],
                    [Prediction.failed(st.error or "no stamp") for st in bad], "input")
         good = [st for st in chunk if st.pixels is not None]
-        keys = {st.index: stamp_key(context, st.pixels) for st in good}
-        stored = store.get_many(list(keys.values())) if store is not None else {}
-        hits = [st for st in good
-                if keys[st.index] in stored and stored[keys[st.index]].ok]
+        chunk_keys = {st.index: stamp_key(context, st.pixels) for st in good}
+        stored = store.get_many(list(chunk_keys.values())) if store is not None else {}
+        hits = [st for st in good if getattr(stored.get(chunk_keys[st.index]), "ok", False)]
         if hits:
-            report([st.index for st in hits], [stored[keys[st.index]] for st in hits],
-                   "store")
+            report([st.index for st in hits],
+                   [stored[chunk_keys[st.index]] for st in hits], "store")
         hit_indices = {st.index for st in hits}
-        misses = [st for st in good if st.index not in hit_indices]
-        for begin in range(0, len(misses), batch_size):
-            if cancelled():
-                break
-            batch = misses[begin:begin + batch_size]
-            predictions = backend.predict(batch, task)
-            if len(predictions) != len(batch):
-                raise RuntimeError(f"{type(backend).__name__}.predict returned "
-                                   f"{len(predictions)} predictions for {len(batch)} stamps")
-            if store is not None:
-                store.put_many([(keys[st.index], p) for st, p in zip(batch, predictions)],
-                               task, backend)
-            report([st.index for st in batch], predictions, "engine")
+        for st in good:
+            if st.index not in hit_indices:
+                keys[st.index] = chunk_keys[st.index]
+                waiting.append(st)
+        while len(waiting) >= batch_size and not cancelled():
+            ask(waiting[:batch_size])
+            waiting = waiting[batch_size:]
+    while waiting and not cancelled():
+        ask(waiting[:batch_size])
+        waiting = waiting[batch_size:]
     result.cancelled = cancelled() and state.done < state.total
     state.elapsed = time.perf_counter() - start
     return result

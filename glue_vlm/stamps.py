@@ -613,11 +613,13 @@ def look_ahead_chunks(workers: int) -> int:
 
 
 def iter_stamps(source: StampSource, rows: Sequence[int], settings: StampSettings, *,
-                workers: int | None = None) -> Iterator[Stamp]:
+                workers: int | None = None, look_ahead: int = 0) -> Iterator[Stamp]:
     """Stamps for catalog ``rows`` of ``source``, in order (``Stamp.index`` is the
     position in ``rows``). Streams: ``workers`` background threads (default
     ``default_workers()``; 0 prepares in the caller's thread) prepare at most
-    ``look_ahead_chunks(workers)`` chunks of ``CHUNK_ROWS`` ahead, so preparation
+    ``look_ahead_chunks(workers)`` chunks of ``CHUNK_ROWS`` ahead, or ``look_ahead``
+    rows if that is more (a consumer that takes stamps in engine batches asks for one
+    batch, so the next batch is ready when the engine is), so preparation
     overlaps the engine's work. A row without a stamp comes back with ``error`` set;
     iteration goes on. Raises ``StampError`` up front for rows outside the source."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -632,7 +634,7 @@ def iter_stamps(source: StampSource, rows: Sequence[int], settings: StampSetting
         for start, part in chunks:
             yield from _prepare_chunk(source, start, part, settings)
         return
-    ahead = look_ahead_chunks(workers)
+    ahead = max(look_ahead_chunks(workers), -(-int(look_ahead) // CHUNK_ROWS))
     pool = ThreadPoolExecutor(workers, thread_name_prefix="glue-vlm-stamps")
     pending: deque = deque()
     try:

@@ -642,7 +642,6 @@ def test_batch_api_job_is_collected_by_a_rerun_not_submitted_again(tmp_path):
         def run(**options):
             backend = engine(srv, batch_api=True, batch_poll=0.05, **options)
             with backend, ResultStore(tmp_path / "s.sqlite") as store:
-                backend.attach_store(store)
                 result = classify(CubeSource(cube), np.arange(6), LSBG, backend,
                                   store=store)
                 return result, store.open_batches([line["custom_id"]

@@ -100,6 +100,10 @@ class Backend(ABC):
     def estimate_cost(self, n_images: int, task: "Task") -> CostEstimate:
         return CostEstimate(n_images, 0, 0, None, "no estimate for this engine")
 
+    def attach_store(self, store) -> None:
+        """Called by the run with its ``ResultStore``; engines that keep state across
+        runs (open Batch API jobs) keep it there. Most engines need nothing."""
+
     def close(self) -> None:
         """Release connections, memory, GPUs."""
 
