@@ -396,6 +396,10 @@ def summarize(result, output: Path) -> None:
     parts = [f"{name} {count}" for name, count in zip(result.task.label_names, counts)]
     print(f"glue-vlm: wrote {output}: {', '.join(parts)}; failed {len(result.errors)}",
           file=sys.stderr)
+    usage = result.usage
+    print(f"glue-vlm: {result.progress.called} rows asked, {result.progress.cached} from the "
+          f"store; tokens used: {usage.prompt_tokens:,} input + {usage.completion_tokens:,} "
+          "output", file=sys.stderr)
     reasons: dict[str, int] = {}
     for reason in result.errors.values():
         reasons[reason] = reasons.get(reason, 0) + 1

@@ -128,3 +128,13 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(catalog, capsys, make
     assert message in err
     assert not (catalog / "out.ecsv").exists()
     assert not list(catalog.glob(".*partial*"))
+
+
+def test_summary_reports_engine_calls_and_token_usage(catalog, capsys):
+    assert run(catalog, "--stamps", str(catalog / "cube.npy"), "--rows", "0:5") == 0
+    assert "5 rows asked, 0 from the store; tokens used: 50 input + 5 output" in \
+        capsys.readouterr().err
+    (catalog / "out.ecsv").unlink()
+    assert run(catalog, "--stamps", str(catalog / "cube.npy"), "--rows", "0:5") == 0
+    assert "0 rows asked, 5 from the store; tokens used: 0 input + 0 output" in \
+        capsys.readouterr().err
