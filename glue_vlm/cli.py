@@ -180,29 +180,6 @@ def write_table_atomically(table, path: Path) -> None:
 
 
 # -- stamp source ------------------------------------------------------------------------
-def _read_array(path: str, ext):
-    if not Path(path).is_file():
-        raise UserError(f"no such file: {path}")
-    if path.endswith(".npy"):
-        return np.load(path, mmap_mode="r"), None
-    from astropy.io import fits
-    from astropy.wcs import WCS
-
-    try:
-        hdul = fits.open(path, memmap=True)
-    except OSError as exc:
-        raise UserError(f"cannot read {path} as FITS or .npy: {exc}") from None
-    if ext is not None:
-        hdu = hdul[int(ext) if str(ext).isdigit() else ext]
-    else:
-        hdu = next((h for h in hdul if getattr(h, "data", None) is not None
-                    and h.data.ndim > 0), None)
-        if hdu is None:
-            raise UserError(f"{path} has no image data")
-    wcs = WCS(hdu.header)
-    return hdu.data, (wcs if wcs.has_celestial else None)
-
-
 def _parse_size(text: str):
     from astropy import units as u
 
@@ -225,25 +202,29 @@ def build_source(args, table):
     if len(chosen) != 1:
         raise UserError("give exactly one stamp source: --stamps CUBE, --image FITS or "
                         "--path-col COLUMN")
+    image_path = args.stamps or args.image
+    if image_path and not Path(image_path).is_file():
+        raise UserError(f"no such file: {image_path}")
+    ext = int(args.ext) if args.ext is not None and args.ext.isdigit() else args.ext
     if args.stamps:
-        cube, _ = _read_array(args.stamps, args.ext)
-        return CubeSource(cube, n_rows=len(table))
+        return CubeSource.from_file(args.stamps, ext=ext, n_rows=len(table))
     if args.path_col:
         require_columns(table, [args.path_col], "--path-col")
         base = Path(args.input).resolve().parent
         return PathSource([str(p) for p in table[args.path_col]], base_dir=base)
-    image, wcs = _read_array(args.image, args.ext)
     size = _parse_size(args.size)
     if args.ra_col or args.dec_col:
         require_columns(table, [args.ra_col or "--ra-col", args.dec_col or "--dec-col"],
                         "sky positions")
-        return ImageSource(image, size=size, wcs=wcs, ra=np.asarray(table[args.ra_col]),
-                           dec=np.asarray(table[args.dec_col]))
+        return ImageSource.from_fits(args.image, ext=ext, size=size,
+                                     ra=np.asarray(table[args.ra_col]),
+                                     dec=np.asarray(table[args.dec_col]))
     if args.x_col or args.y_col:
         require_columns(table, [args.x_col or "--x-col", args.y_col or "--y-col"],
                         "pixel positions")
-        return ImageSource(image, size=size, wcs=wcs, x=np.asarray(table[args.x_col]),
-                           y=np.asarray(table[args.y_col]))
+        return ImageSource.from_fits(args.image, ext=ext, size=size,
+                                     x=np.asarray(table[args.x_col]),
+                                     y=np.asarray(table[args.y_col]))
     raise UserError("--image needs positions: --ra-col/--dec-col or --x-col/--y-col")
 
 

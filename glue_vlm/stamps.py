@@ -9,6 +9,11 @@ Three sources of raw cutouts, each aligned with the catalog's rows:
   mode (same ``overlap_slices`` geometry).
 - ``PathSource``: a column of file paths (FITS, PNG, JPEG).
 
+Stamps come out top row first, the way an image viewer shows them: image arrays in
+FITS and Glue have row 0 at the bottom (y grows upwards), so cutouts of an
+``ImageSource``, FITS files and FITS cubes are flipped; ``.npy`` cubes and PNG/JPEG files
+are taken as stored (row 0 at the top).
+
 ``prepare_stamp`` turns one raw cutout into display-ready pixels with
 ``astropy.visualization`` (uint8 input is already display-ready and passes through);
 ``iter_stamps`` streams ``Stamp`` objects in row order, preparing chunks ahead in
@@ -109,7 +114,8 @@ class CubeSource(StampSource):
     ``shape`` and row indexing works (numpy memmap, FITS memmap, h5py); only the rows
     asked for are read."""
 
-    def __init__(self, cube, n_rows: int | None = None):
+    def __init__(self, cube, n_rows: int | None = None, bottom_up: bool = False):
+        self.bottom_up = bottom_up
         if not hasattr(cube, "shape"):
             cube = np.asarray(cube)
         shape = tuple(cube.shape)
@@ -135,22 +141,22 @@ class CubeSource(StampSource):
     @classmethod
     def from_file(cls, path, ext=None, n_rows: int | None = None) -> "CubeSource":
         """A cube from a FITS file (memory-mapped; ``ext`` = HDU, default the first
-        with data) or a ``.npy`` file (memory-mapped)."""
+        with data; its stamps are bottom-up, as FITS images are) or a ``.npy`` file
+        (memory-mapped; stamps top-down, as image files are)."""
         path = Path(path)
         if path.suffix == ".npy":
             try:
                 cube = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as exc:
                 raise StampError(f"cannot read stamp cube {path}: {exc}") from None
-        else:
-            cube = _fits_data(path, ext, memmap=True)
-        return cls(cube, n_rows)
+            return cls(cube, n_rows)
+        return cls(_fits_data(path, ext, memmap=True), n_rows, bottom_up=True)
 
     def raw(self, row):
         stamp = np.asarray(self._cube[row])
         if self._channels_first:
             stamp = np.moveaxis(stamp, 0, -1)
-        return stamp, ()
+        return (stamp[::-1] if self.bottom_up else stamp), ()
 
 
 class ImageSource(StampSource):
@@ -236,7 +242,7 @@ class ImageSource(StampSource):
             out[small] = inside
             cut.append(out)
         stamp = cut[0] if len(cut) == 1 else np.stack(cut, axis=-1)
-        return stamp, ("edge-padded",) if padded else ()
+        return stamp[::-1], ("edge-padded",) if padded else ()
 
 
 class PathSource(StampSource):
@@ -277,7 +283,7 @@ def read_image_file(path, ext=None) -> np.ndarray:
     path = Path(path)
     suffixes = [s.lower() for s in path.suffixes[-2:]]
     if any(s in FITS_SUFFIXES for s in suffixes):
-        return np.array(_fits_data(path, ext, memmap=False))
+        return np.array(_fits_data(path, ext, memmap=False)[::-1])  # FITS is bottom-up
     from PIL import Image, UnidentifiedImageError
 
     try:

@@ -108,10 +108,21 @@ def test_memmapped_cubes_read_like_arrays(tmp_path):
     rows = [5, 1, 3]
     expected = [s.pixels for s in iter_stamps(CubeSource(cube), rows, StampSettings(),
                                               workers=0)]
-    for name in ("cube.npy", "cube.fits"):
+    for name, flip in (("cube.npy", False), ("cube.fits", True)):
         source = CubeSource.from_file(tmp_path / name, n_rows=6)
         got = [s.pixels for s in iter_stamps(source, rows, StampSettings(), workers=0)]
-        assert all(np.array_equal(a, b) for a, b in zip(got, expected)), name
+        # FITS stamps are bottom-up: they come out flipped, top row first
+        want = [e[::-1] if flip else e for e in expected]
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), name
+
+
+def test_image_cutouts_come_out_top_row_first():
+    image = np.zeros((40, 40), np.float32)
+    image[30, 20] = 100.0  # a source high in the image (y = 30 grows upwards)
+    source = ImageSource(image, size=21, x=[20.0], y=[20.0])
+    stamp, _ = source.raw(0)
+    row, col = np.unravel_index(np.argmax(stamp), stamp.shape)
+    assert (row, col) == (0, 10)  # above the centre: near the top of the stamp
 
 
 @pytest.mark.parametrize("cube, n_rows, hint", [
@@ -179,7 +190,7 @@ def test_partial_overlap_is_padded_like_cutout2d_and_flagged(sky_image):
         raw, flags = source.raw(row)
         assert flags == ("edge-padded",)
         reference = Cutout2D(image, position, (20, 30), mode="partial",
-                             fill_value=np.nan).data
+                             fill_value=np.nan).data[::-1]  # stamps come top row first
         inside = np.isfinite(reference)
         assert raw.shape == (20, 30) and 0 < inside.sum() < raw.size
         assert np.array_equal(raw[inside], reference[inside])
@@ -245,7 +256,8 @@ def test_path_source_reads_fits_png_jpeg_and_reports_bad_rows(tmp_path):
     paths = np.array(["a.fits", "b.png", "c.jpg", "missing.png", "d.png", ""])
     stamps = list(iter_stamps(PathSource(paths, base_dir=tmp_path), range(6),
                               StampSettings(percentile=100), workers=2))
-    assert tuple(brightest(stamps[0].pixels)) == (9, 20)
+    # FITS row 9 (from the bottom) is stamp row 32 - 1 - 9 = 22 (from the top)
+    assert tuple(brightest(stamps[0].pixels)) == (22, 20)
     assert np.array_equal(stamps[1].pixels, rgb)
     assert np.array_equal(stamps[2].pixels, np.asarray(Image.open(tmp_path / "c.jpg")))
     assert "file not found" in stamps[3].error and "missing.png" in stamps[3].error
@@ -260,7 +272,7 @@ def test_fits_file_stamp_comes_from_the_first_image_hdu(tmp_path):
     fits.HDUList([fits.PrimaryHDU(), table, fits.ImageHDU(science)]).writeto(tmp_path / "s.fits")
     stamp = next(iter_stamps(PathSource(["s.fits"], base_dir=tmp_path), [0],
                              StampSettings(percentile=100), workers=0))
-    assert tuple(brightest(stamp.pixels)) == (11, 4)
+    assert tuple(brightest(stamp.pixels)) == (16 - 1 - 11, 4)  # FITS is bottom-up
 
 
 def test_path_source_takes_bytes_and_absolute_paths(tmp_path):
