@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tasks", help="list the preset tasks")
 
-    demo = sub.add_parser("demo", help="the Hubble Deep Field demo catalog",
+    demo = sub.add_parser("demo", help="open Glue on the Hubble Deep Field demo",
                           description="Detect sources in the Hubble Deep Field image "
-                          "that ships with scikit-image and write them with their stamps.")
+                          "that ships with scikit-image, write them with their stamps, "
+                          "and open Glue on them with the VLM Classifier panel.")
     demo.add_argument("--no-gui", action="store_true", help="write files, open no window")
     demo.add_argument("-o", "--output", default="demo.ecsv", help="catalog to write; the "
                       "stamps go beside it as <name>_stamps.npy (default demo.ecsv)")
@@ -292,14 +293,18 @@ def cmd_tasks(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import write_demo
 
-    if not args.no_gui:
-        raise UserError("the Glue demo window is not available yet: use --no-gui")
     output = Path(args.output)
     check_writable(output, overwrite=True)
     catalog, stamps = write_demo(output)
-    print(f"glue-vlm: wrote {catalog} and {stamps}; classify with:\n"
-          f"  glue-vlm classify {catalog} --stamps {stamps} --task galaxy-morphology "
-          f"--backend openai -o classified.ecsv")
+    print(f"glue-vlm: wrote {catalog} ({stamps.name} beside it)", file=sys.stderr)
+    if args.no_gui:
+        print(f"classify with:\n  glue-vlm classify {catalog} --stamps {stamps} "
+              f"--task galaxy-morphology --backend openai -o classified.ecsv")
+        return 0
+    from .glue.demo import demo_application
+
+    app, _ = demo_application(catalog)
+    app.start()
     return 0
 
 

@@ -81,3 +81,47 @@ def write_demo(output: str | Path) -> tuple[Path, Path]:
     table.write(output, overwrite=True)
     np.save(stamps_path, cube)
     return output, stamps_path
+
+
+#: a LLaVA-family model small enough for a laptop CPU (0.9 B parameters, ~1.8 GB)
+SMALL_LOCAL_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+FULL_LOCAL_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
+
+
+def _cached(model_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
+def _has_cuda() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pick_engine(environ=None) -> tuple[str, str, str]:
+    """The engine the demo starts with: ``(engine kind, model, note for the user)``.
+
+    GPT-4o when ``OPENAI_API_KEY`` is set; LLaVA-NeXT 7B when its weights are cached and
+    a GPU is present; else the small LLaVA-OneVision model (on the CPU) when it is
+    cached; else that small model with a note on how to get it or another engine.
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    if environ.get("OPENAI_API_KEY"):
+        return "gpt-4o", "gpt-4o", "GPT-4o: OPENAI_API_KEY is set. Estimate the cost first."
+    if _cached(FULL_LOCAL_MODEL) and _has_cuda():
+        return "local", FULL_LOCAL_MODEL, "LLaVA-NeXT 7B on your GPU (weights cached)."
+    if _cached(SMALL_LOCAL_MODEL):
+        return "local", SMALL_LOCAL_MODEL, "Small LLaVA-OneVision model on the CPU."
+    return "local", SMALL_LOCAL_MODEL, (
+        "No engine is ready: set OPENAI_API_KEY for GPT-4o, or download the small local "
+        f"model once (about 1.8 GB): hf download {SMALL_LOCAL_MODEL}")

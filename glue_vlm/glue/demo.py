@@ -18,7 +18,7 @@ def demo_application(catalog_path: str | Path):
     from glue_qt.viewers.image import ImageViewer
     from glue_qt.viewers.scatter import ScatterViewer
 
-    from ..demo import demo_image
+    from ..demo import demo_image, pick_engine
     from .plugin import open_panel
 
     rgb = demo_image()
@@ -38,8 +38,14 @@ def demo_application(catalog_path: str | Path):
     viewer.add_data(catalog)
     for layer in viewer.state.layers[1:]:
         layer.size = 3
+    scatter.position, scatter.viewer_size = (0, 0), (520, 440)  # side by side
+    viewer.position, viewer.viewer_size = (0, 445), (520, 440)
     panel = open_panel(app.session, app.data_collection)
     panel.state.catalog = catalog
     panel.state.task_preset = "galaxy-morphology"
+    kind, model, note = pick_engine()
+    panel.state.engine_kind = kind
+    panel.state.model = model
+    panel.show_status(note)
     return app, panel
 

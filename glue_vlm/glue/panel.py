@@ -190,6 +190,8 @@ class ClassifierPanel(QtWidgets.QDockWidget):
         self.progress_label = QtWidgets.QLabel()
         self.status = QtWidgets.QLabel()
         self.status.setWordWrap(True)
+        # wrapped labels get too little height in a dock; keep room for three lines
+        self.status.setMinimumHeight(self.status.fontMetrics().lineSpacing() * 3)
         self.status.setTextInteractionFlags(QtCore.Qt.TextSelectableByMouse)
         self.details_button = QtWidgets.QToolButton()
         self.details_button.setText("Details")
@@ -203,9 +205,9 @@ class ClassifierPanel(QtWidgets.QDockWidget):
         grid.addWidget(self.cancel_button, 0, 1)
         grid.addWidget(self.progress, 1, 0, 1, 2)
         grid.addWidget(self.progress_label, 2, 0, 1, 2)
-        grid.addWidget(self.status, 3, 0)
-        grid.addWidget(self.details_button, 3, 1, QtCore.Qt.AlignRight)
-        grid.addWidget(self.details, 4, 0, 1, 2)
+        grid.addWidget(self.status, 3, 0, 1, 2)  # the full width: fewer wrapped lines
+        grid.addWidget(self.details_button, 4, 1, QtCore.Qt.AlignRight)
+        grid.addWidget(self.details, 5, 0, 1, 2)
 
         form = self._form("Results", layout)
         self.counts_label = self._row(form, "Counts", QtWidgets.QLabel())
