@@ -1,5 +1,6 @@
 """Scale: a large catalog classified from the CLI through the project's OpenAI-compatible
-test server on localhost, against a 10x smaller one in the same run.
+test server on localhost, against a 10x smaller one in the same run. Catalogs are read
+and written as FITS (astropy's ECSV writer alone holds ~700 bytes a row at its peak).
 
 Reports, per size, the CLI process's peak memory (RssAnon: what the process allocated;
 VmHWM also counts the memory-mapped stamp cube's pages, which are the OS file cache), the
@@ -45,8 +46,8 @@ def write_catalog(folder: Path, n: int, seed: int) -> tuple[Path, Path]:
                                         dtype=np.uint8)
     cube.flush()
     del cube
-    Table({"id": np.arange(n)}).write(folder / f"cat{n}.ecsv")
-    return folder / f"cat{n}.ecsv", folder / f"cube{n}.npy"
+    Table({"id": np.arange(n)}).write(folder / f"cat{n}.fits")
+    return folder / f"cat{n}.fits", folder / f"cube{n}.npy"
 
 
 def status_kb(pid: int) -> dict[str, int]:
@@ -108,13 +109,13 @@ def main() -> None:
         for n in (small, large):
             catalog, cube = write_catalog(folder, n, seed=n)
             store = folder / f"store{n}.sqlite"
-            results[n] = run_cli(catalog, cube, store, server.base_url, folder / f"out{n}.ecsv")
+            results[n] = run_cli(catalog, cube, store, server.base_url, folder / f"out{n}.fits")
             print(f"{n:>7} rows: {results[n]['seconds']:.1f} s, "
                   f"{n / results[n]['seconds']:.0f} rows/s, peak RssAnon "
                   f"{results[n]['rss_anon_mb']:.0f} MB, VmHWM {results[n]['vmhwm_mb']:.0f} MB",
                   flush=True)
         before = len(server.chat_requests())
-        rerun = run_cli(catalog, cube, store, server.base_url, folder / "rerun.ecsv")
+        rerun = run_cli(catalog, cube, store, server.base_url, folder / "rerun.fits")
         calls = len(server.chat_requests()) - before
         rate = store_lookup_rate(store, large)
         print(f"cached rerun of {large} rows: {rerun['seconds']:.1f} s "
