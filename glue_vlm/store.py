@@ -135,25 +135,29 @@ class ResultStore:
         return aside
 
     # -- reading --------------------------------------------------------------------
-    def get_many(self, keys: Sequence[str]) -> dict[str, Prediction]:
-        """Stored predictions for those keys that have one."""
-        found: dict[str, Prediction] = {}
-        for start in range(0, len(keys), _LOOKUP_CHUNK):
-            chunk = list(keys[start:start + _LOOKUP_CHUNK])
-            marks = ",".join("?" * len(chunk))
+    def _select_where_in(self, query: str, values: Sequence[str]) -> list[tuple]:
+        """Rows of ``query`` (whose ``IN ({})`` takes ``values``), in chunks that stay
+        under SQLite's host-parameter limit."""
+        rows: list[tuple] = []
+        for start in range(0, len(values), _LOOKUP_CHUNK):
+            chunk = list(values[start:start + _LOOKUP_CHUNK])
             try:
-                rows = self._db.execute(
-                    "SELECT key, label, probabilities, raw_text, error, method, "
-                    f"prompt_tokens, completion_tokens FROM results WHERE key IN ({marks})",
-                    chunk).fetchall()
+                rows += self._db.execute(query.format(",".join("?" * len(chunk))),
+                                         chunk).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot read the result store {self.path}: {exc}") from None
-            for key, label, probs, raw, error, method, p_tok, c_tok in rows:
-                found[key] = Prediction(label=label,
-                                        probabilities=json.loads(probs) if probs else None,
-                                        raw_text=raw, error=error, method=method,
-                                        prompt_tokens=p_tok, completion_tokens=c_tok)
-        return found
+        return rows
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Prediction]:
+        """Stored predictions for those keys that have one."""
+        rows = self._select_where_in(
+            "SELECT key, label, probabilities, raw_text, error, method, prompt_tokens, "
+            "completion_tokens FROM results WHERE key IN ({})", keys)
+        return {key: Prediction(label=label,
+                                probabilities=json.loads(probs) if probs else None,
+                                raw_text=raw, error=error, method=method,
+                                prompt_tokens=p_tok, completion_tokens=c_tok)
+                for key, label, probs, raw, error, method, p_tok, c_tok in rows}
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
@@ -188,17 +192,8 @@ class ResultStore:
     # -- open Batch API jobs (so a rerun collects a job instead of paying twice) ------
     def open_batches(self, requests: Sequence[str]) -> dict[str, str]:
         """The open batch job id of each request id that is in one."""
-        found: dict[str, str] = {}
-        for start in range(0, len(requests), _LOOKUP_CHUNK):
-            chunk = list(requests[start:start + _LOOKUP_CHUNK])
-            marks = ",".join("?" * len(chunk))
-            try:
-                found.update(self._db.execute(
-                    f"SELECT request, batch_id FROM open_batches WHERE request IN ({marks})",
-                    chunk).fetchall())
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot read the result store {self.path}: {exc}") from None
-        return found
+        return dict(self._select_where_in(
+            "SELECT request, batch_id FROM open_batches WHERE request IN ({})", requests))
 
     def add_batch(self, batch_id: str, requests: Iterable[str]) -> None:
         """Remember that ``requests`` were submitted in job ``batch_id``."""
