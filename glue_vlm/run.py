@@ -163,49 +163,45 @@ def classify(source: StampSource, rows: Sequence[int], task: Task, backend: Back
     def cancelled() -> bool:
         return cancel is not None and cancel.is_set()
 
-    keys: dict[int, str] = {}  # position -> store key, for rows waiting for the engine
-
-    def ask(batch: list[Stamp]) -> None:
-        predictions = backend.predict(batch, task)
+    def ask(batch: list[tuple[Stamp, str]]) -> None:
+        """Send (stamp, store key) pairs to the engine; store, then report, the answers."""
+        predictions = backend.predict([st for st, _ in batch], task)
         if len(predictions) != len(batch):
             raise RuntimeError(f"{type(backend).__name__}.predict returned "
                                f"{len(predictions)} predictions for {len(batch)} stamps")
         if store is not None:
-            store.put_many([(keys[st.index], p) for st, p in zip(batch, predictions)],
-                           task, backend)
-        for st in batch:
-            del keys[st.index]
-        report([st.index for st in batch], predictions, "engine")
+            store.put_many([(key, p) for (_, key), p in zip(batch, predictions)], task,
+                           backend)
+        report([st.index for st, _ in batch], predictions, "engine")
 
     # Stamps are looked up a batch at a time while the stamp thread prepares the next;
     # rows the store cannot answer queue until they fill an engine batch.
-    waiting: list[Stamp] = []
+    waiting: list[tuple[Stamp, str]] = []
     stamps = iter_stamps(source, rows, settings, look_ahead=batch_size)
-    for chunk in _chunks(stamps, batch_size):
-        if cancelled():
-            break
-        bad = [st for st in chunk if st.pixels is None]
-        if bad:
-            report([st.index for st in bad],
-                   [Prediction.failed(st.error or "no stamp") for st in bad], "input")
-        good = [st for st in chunk if st.pixels is not None]
-        chunk_keys = {st.index: stamp_key(context, st.pixels) for st in good}
-        stored = store.get_many(list(chunk_keys.values())) if store is not None else {}
-        hits = [st for st in good if getattr(stored.get(chunk_keys[st.index]), "ok", False)]
-        if hits:
-            report([st.index for st in hits],
-                   [stored[chunk_keys[st.index]] for st in hits], "store")
-        hit_indices = {st.index for st in hits}
-        for st in good:
-            if st.index not in hit_indices:
-                keys[st.index] = chunk_keys[st.index]
-                waiting.append(st)
-        while len(waiting) >= batch_size and not cancelled():
+    try:
+        for chunk in _chunks(stamps, batch_size):
+            if cancelled():
+                break
+            bad = [st for st in chunk if st.pixels is None]
+            if bad:
+                report([st.index for st in bad],
+                       [Prediction.failed(st.error or "no stamp") for st in bad], "input")
+            good = [(st, stamp_key(context, st.pixels)) for st in chunk
+                    if st.pixels is not None]
+            stored = store.get_many([key for _, key in good]) if store is not None else {}
+            answered = {key: p for key, p in stored.items() if p.ok}  # failures: ask again
+            hits = [(st, answered[key]) for st, key in good if key in answered]
+            if hits:
+                report([st.index for st, _ in hits], [p for _, p in hits], "store")
+            waiting += [(st, key) for st, key in good if key not in answered]
+            while len(waiting) >= batch_size and not cancelled():
+                ask(waiting[:batch_size])
+                waiting = waiting[batch_size:]
+        while waiting and not cancelled():
             ask(waiting[:batch_size])
             waiting = waiting[batch_size:]
-    while waiting and not cancelled():
-        ask(waiting[:batch_size])
-        waiting = waiting[batch_size:]
+    finally:
+        stamps.close()  # stops the stamp thread when the run ends early
     result.cancelled = cancelled() and state.done < state.total
     state.elapsed = time.perf_counter() - start
     return result
