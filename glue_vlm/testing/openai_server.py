@@ -529,6 +529,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         owner = self.owner
+        received = time.monotonic()
         raw = self._body()
         path = self.path.split("?")[0]
         try:
@@ -537,7 +538,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             return self._send(400, _error("request body is not JSON", "invalid_request_error"))
         if path == "/v1/chat/completions":
-            return self._chat(body)
+            return self._chat(body, received)
         owner._record(RecordedRequest("POST", path, self._headers(), body, time.time(), 0))
         if not self._authorized():
             return self._reject_key()
@@ -570,7 +571,10 @@ class _Handler(BaseHTTPRequestHandler):
         info = {k: v for k, v in self.owner.files[file_id].items() if k != "content"}
         self._send(200, info)
 
-    def _chat(self, body: Any) -> None:
+    def _chat(self, body: Any, received: float) -> None:
+        """Answer ``latency`` seconds after the request arrived: the server's own work
+        (reading the body, decoding the image) counts inside that time, as on a real
+        server whose latency is L, not on top of it."""
         owner = self.owner
         image = _image_of(body)
         record = RecordedRequest("POST", "/v1/chat/completions", self._headers(), body,
@@ -588,9 +592,10 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     record.status = self._fault(fault)
                     return
-            if owner.latency:
-                time.sleep(owner.latency)
             status, payload = owner.compose(body if isinstance(body, dict) else {})
+            remaining = owner.latency - (time.monotonic() - received)
+            if remaining > 0:
+                time.sleep(remaining)
             record.status = status
             self._send(status, payload)
         finally:
