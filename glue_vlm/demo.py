@@ -110,8 +110,9 @@ def pick_engine(environ=None) -> tuple[str, str, str]:
     """The engine the demo starts with: ``(engine kind, model, note for the user)``.
 
     GPT-4o when ``OPENAI_API_KEY`` is set; LLaVA-NeXT 7B when its weights are cached and
-    a GPU is present; else the small LLaVA-OneVision model (on the CPU) when it is
-    cached; else that small model with a note on how to get it or another engine.
+    a GPU is present; else the small LLaVA-OneVision model (on the CPU), with a note
+    saying it will be downloaded first if it is not cached, or, offline
+    (``HF_HUB_OFFLINE``), how to get it or another engine.
     """
     import os
 
@@ -122,6 +123,11 @@ def pick_engine(environ=None) -> tuple[str, str, str]:
         return "local", FULL_LOCAL_MODEL, "LLaVA-NeXT 7B on your GPU (weights cached)."
     if _cached(SMALL_LOCAL_MODEL):
         return "local", SMALL_LOCAL_MODEL, "Small LLaVA-OneVision model on the CPU."
+    if environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "local", SMALL_LOCAL_MODEL, (
+            "No engine is ready: set OPENAI_API_KEY for GPT-4o, or download the small "
+            f"local model once (about 1.8 GB): hf download {SMALL_LOCAL_MODEL}")
     return "local", SMALL_LOCAL_MODEL, (
-        "No engine is ready: set OPENAI_API_KEY for GPT-4o, or download the small local "
-        f"model once (about 1.8 GB): hf download {SMALL_LOCAL_MODEL}")
+        f"Small local model {SMALL_LOCAL_MODEL}: Classify downloads it first from the "
+        "Hugging Face Hub (about 1.8 GB, once). Without internet, set OPENAI_API_KEY "
+        "for GPT-4o instead.")

@@ -48,9 +48,11 @@ def test_engine_pick_follows_what_is_available(monkeypatch):
 
     assert demo.pick_engine({"OPENAI_API_KEY": "sk-x"})[:2] == ("gpt-4o", "gpt-4o")
     monkeypatch.setattr(demo, "_cached", lambda model: False)
-    kind, model, note = demo.pick_engine({})
+    kind, model, note = demo.pick_engine({"HF_HUB_OFFLINE": "1"})
     assert (kind, model) == ("local", demo.SMALL_LOCAL_MODEL)
     assert "OPENAI_API_KEY" in note and f"hf download {demo.SMALL_LOCAL_MODEL}" in note
+    kind, model, note = demo.pick_engine({})  # online: fetched on first use
+    assert model == demo.SMALL_LOCAL_MODEL and "downloads it first" in note and "1.8 GB" in note
     monkeypatch.setattr(demo, "_cached", lambda model: True)
     monkeypatch.setattr(demo, "_has_cuda", lambda: True)
     assert demo.pick_engine({})[1] == demo.FULL_LOCAL_MODEL
@@ -67,6 +69,7 @@ def test_demo_opens_glue_with_both_viewers_and_the_panel(qtbot, tmp_path, monkey
     from glue_vlm.glue.panel import ClassifierPanel
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(demo, "_cached", lambda model: False)
     catalog_path, _ = demo.write_demo(tmp_path / "demo.ecsv")
     app, panel = demo_application(catalog_path)
