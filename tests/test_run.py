@@ -200,3 +200,38 @@ def test_sigkill_then_rerun_repeats_no_stored_call(tmp_path, kill_after):
     table = Table.read(tmp_path / "out.ecsv")
     assert np.array_equal(np.asarray(table["galaxy_morphology_code"]), expected.codes)
     assert list(table["galaxy_morphology_label"]) == list(expected.labels)
+
+
+def test_ctrl_c_stops_after_the_batch_writes_what_is_done_and_the_rerun_finishes(tmp_path):
+    n = 40
+    cube = make_cube(n, seed=4)
+    np.save(tmp_path / "cube.npy", cube)
+    Table({"id": np.arange(n)}).write(tmp_path / "cat.ecsv")
+    log = tmp_path / "calls.log"
+    env = dict(os.environ, PYTHONPATH=str(TESTS), GLUE_VLM_TEST_CALL_LOG=str(log),
+               GLUE_VLM_TEST_DELAY="0.1")
+    args = ["classify", str(tmp_path / "cat.ecsv"), "--task", TASK.slug,
+            "--stamps", str(tmp_path / "cube.npy"), "--backend", "engines:CountingBackend",
+            "--store", str(tmp_path / "s.sqlite"), "-o", str(tmp_path / "out.ecsv"),
+            "--overwrite"]
+    proc = cli(args, env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (log.exists() and log.read_text().split()):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopping after the current batch" in err and "run the same command again" in err
+    partial = Table.read(tmp_path / "out.ecsv")
+    done = np.asarray(partial["galaxy_morphology_code"]) >= 0
+    assert 0 < done.sum() < n and not partial.meta["glue_vlm"]["complete"]
+
+    asked_before = len(log.read_text().split())
+    env["GLUE_VLM_TEST_DELAY"] = "0"
+    rerun = cli(args, env)
+    _, err = rerun.communicate(timeout=60)
+    assert rerun.returncode == 0, err
+    assert len(log.read_text().split()) - asked_before == n - done.sum()
+    final = Table.read(tmp_path / "out.ecsv")
+    assert (np.asarray(final["galaxy_morphology_code"]) >= 0).all()
+    assert final.meta["glue_vlm"]["complete"]
