@@ -90,7 +90,7 @@ class ResultStore:
         self.notice: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = self._connect()
+            self._db = self._connect_when_free()
         except sqlite3.DatabaseError as exc:
             if not self._is_damage(exc):
                 raise StoreError(f"cannot open the result store {self.path}: {exc}; pass "
@@ -102,6 +102,20 @@ class ResultStore:
         except OSError as exc:
             raise StoreError(f"cannot open the result store {self.path}: {exc}; pass "
                              "another path (--store)") from None
+
+    def _connect_when_free(self, patience: float = 30.0) -> sqlite3.Connection:
+        """Connect, waiting while another process holds the file: switching a new file
+        to WAL can report "locked" at once, without waiting on the busy timeout."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return self._connect()
+            except sqlite3.OperationalError as exc:
+                text = str(exc).lower()
+                if ("locked" not in text and "busy" not in text) or \
+                        time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,

@@ -52,6 +52,39 @@ def test_two_processes_share_one_store(tmp_path):
     assert (a[code][:60] >= 0).all() and (b[code][20:] >= 0).all()
 
 
+def _open_and_write(path, go, answers, k):
+    go.wait()
+    try:
+        with ResultStore(path) as store:
+            for i in range(5):
+                store.put_many([(f"{k}-{i}", Prediction("a"))],
+                               Task("t", "Which?", ("a", "b")), CountingBackend())
+        answers.put("ok")
+    except StoreError as exc:
+        answers.put(str(exc))
+
+
+def test_processes_opening_a_new_store_at_once_all_get_in(tmp_path):
+    """A new file's switch to WAL reports "locked" at once to the others (seen in CI)."""
+    import multiprocessing
+
+    outcomes = []
+    for attempt in range(8):
+        path = tmp_path / f"s{attempt}.sqlite"
+        answers, go = multiprocessing.Queue(), multiprocessing.Event()
+        procs = [multiprocessing.Process(target=_open_and_write, args=(path, go, answers, k))
+                 for k in range(5)]
+        for proc in procs:
+            proc.start()
+        go.set()
+        for proc in procs:
+            proc.join(60)
+        outcomes += [answers.get(timeout=5) for _ in procs]
+        with ResultStore(path) as store:
+            assert len(store) == 25
+    assert set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:2]
+
+
 # -- disks that refuse writes ------------------------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path):
