@@ -362,12 +362,10 @@ def cmd_classify(args) -> int:
         signal.signal(signal.SIGINT, previous)
     bar(result.progress, final=True)
 
-    names = column_names(task)
-    if all(name in table.colnames for name in names):  # a rerun: update in place
-        columns = {name: np.array(table[name]) for name in names}
-        columns[names[0]] = columns[names[0]].astype(empty_columns(task, 0)[names[0]].dtype)
-    else:
-        columns = empty_columns(task, len(table))
+    columns = empty_columns(task, len(table))
+    for name in column_names(task):  # a rerun updates earlier columns in place
+        if name in table.colnames:
+            columns[name][:] = np.asarray(table[name])
     fill_columns(columns, result)
     for name, values in columns.items():
         table[name] = values

@@ -17,7 +17,7 @@ from .tasks import Task, column_safe
 UNCLASSIFIED = "unclassified"
 
 __all__ = ["UNCLASSIFIED", "column_names", "empty_columns", "fill_columns",
-           "probability_column", "provenance"]
+           "label_categories", "probability_column", "provenance"]
 
 
 def probability_column(task: Task, label: str) -> str:

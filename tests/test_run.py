@@ -155,18 +155,26 @@ def cli(args, env, **kwargs):
                             **kwargs)
 
 
-@pytest.mark.parametrize("kill_after", [1, 16, 43])  # rows answered before kill -9
-def test_sigkill_then_rerun_repeats_no_stored_call(tmp_path, kill_after):
-    n = 60
-    cube = make_cube(n, seed=3)
+def counted_cli_run(tmp_path, n, seed, delay):
+    """A catalog of ``n`` rows with its cube, and the CLI command and environment that
+    classify it with the counting test engine logging each answered row."""
+    cube = make_cube(n, seed=seed)
     np.save(tmp_path / "cube.npy", cube)
     Table({"id": np.arange(n)}).write(tmp_path / "cat.ecsv")
     log = tmp_path / "calls.log"
     env = dict(os.environ, PYTHONPATH=str(TESTS), GLUE_VLM_TEST_CALL_LOG=str(log),
-               GLUE_VLM_TEST_DELAY="0.05")
+               GLUE_VLM_TEST_DELAY=str(delay))
     args = ["classify", str(tmp_path / "cat.ecsv"), "--task", TASK.slug,
             "--stamps", str(tmp_path / "cube.npy"), "--backend", "engines:CountingBackend",
-            "--store", str(tmp_path / "s.sqlite"), "-o", str(tmp_path / "out.ecsv")]
+            "--store", str(tmp_path / "s.sqlite"), "-o", str(tmp_path / "out.ecsv"),
+            "--overwrite"]
+    return cube, log, env, args
+
+
+@pytest.mark.parametrize("kill_after", [1, 16, 43])  # rows answered before kill -9
+def test_sigkill_then_rerun_repeats_no_stored_call(tmp_path, kill_after):
+    n = 60
+    cube, log, env, args = counted_cli_run(tmp_path, n, seed=3, delay=0.05)
 
     proc = cli(args, env)
     deadline = time.monotonic() + 60
@@ -204,16 +212,7 @@ def test_sigkill_then_rerun_repeats_no_stored_call(tmp_path, kill_after):
 
 def test_ctrl_c_stops_after_the_batch_writes_what_is_done_and_the_rerun_finishes(tmp_path):
     n = 40
-    cube = make_cube(n, seed=4)
-    np.save(tmp_path / "cube.npy", cube)
-    Table({"id": np.arange(n)}).write(tmp_path / "cat.ecsv")
-    log = tmp_path / "calls.log"
-    env = dict(os.environ, PYTHONPATH=str(TESTS), GLUE_VLM_TEST_CALL_LOG=str(log),
-               GLUE_VLM_TEST_DELAY="0.1")
-    args = ["classify", str(tmp_path / "cat.ecsv"), "--task", TASK.slug,
-            "--stamps", str(tmp_path / "cube.npy"), "--backend", "engines:CountingBackend",
-            "--store", str(tmp_path / "s.sqlite"), "-o", str(tmp_path / "out.ecsv"),
-            "--overwrite"]
+    _, log, env, args = counted_cli_run(tmp_path, n, seed=4, delay=0.1)
     proc = cli(args, env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (log.exists() and log.read_text().split()):
